@@ -1,0 +1,165 @@
+"""`starctl`: the command-line face. It parses, calls the library, and formats; nothing else.
+
+A `StarctlError` (bad input the user can fix) is printed on one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import StarctlError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="STAR-LDM: stop, think (denoise a latent plan), autoregress. Steer with attribute heads.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate the core or steering.")
+app.add_typer(eval_app, name="eval")
+console = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def run_guarded(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except StarctlError as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+@app.command()
+def generate(
+    prompts: list[str] = typer.Argument(..., help="One or more prompts to continue."),
+    steps: int = typer.Option(20, help="DPM-Solver++ steps for each plan."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to write per sample."),
+    num_samples: int = typer.Option(1, help="Samples per prompt."),
+    seed: int = typer.Option(0, help="Random seed (noise and sampling)."),
+    plan_every: Optional[str] = typer.Option(None, help="Re-plan every N tokens, or 'sentence'."),
+    steer: list[str] = typer.Option([], help="LABEL=STRENGTH with strength in [-1, 1]; repeatable."),
+    top_p: float = typer.Option(0.9),
+    temperature: float = typer.Option(1.0),
+    repetition_penalty: float = typer.Option(1.2),
+    tolerance: Optional[float] = typer.Option(None, help="Adaptive thinking: stop denoising when the plan moves less than this."),
+    reference_thinking: bool = typer.Option(False, help="Think the reference way (no cache, one example at a time)."),
+    core: Optional[Path] = typer.Option(None, help="Core checkpoint folder (default: the bundled core)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per line."),
+):
+    """Generate continuations: think a plan, then write, optionally steered."""
+    from .api import Star
+    from .generation import parse_plan_every
+    from .steering import parse_steer_specs
+
+    def work():
+        steer_map = parse_steer_specs(steer)
+        pe = parse_plan_every(plan_every)
+        if steps < 1:
+            raise StarctlError(f"steps must be >= 1, got {steps}")
+        star = Star.load(core, device=device)
+        return star.generate(prompts, steer=steer_map, steps=steps, max_new_tokens=max_new_tokens,
+                             num_samples=num_samples, seed=seed, plan_every=pe, top_p=top_p,
+                             temperature=temperature, repetition_penalty=repetition_penalty,
+                             tolerance=tolerance, reference_thinking=reference_thinking)
+
+    outs, result = run_guarded(work)
+    for o in outs:
+        if json_out:
+            print(json.dumps({"prompt": o.prompt, "sample": o.sample, "continuation": o.continuation,
+                              "seconds": round(result.seconds, 4), "think_seconds": round(result.think_seconds, 4),
+                              "write_seconds": round(result.write_seconds, 4), "steps_used": o.steps_used,
+                              "probabilities": o.probabilities}))
+        else:
+            print(f"{o.prompt}{o.continuation}")
+            if o.probabilities:
+                probs = "; ".join(f"{a}: " + ", ".join(f"{k} {v:.2f}" for k, v in d.items())
+                                  for a, d in o.probabilities.items())
+                console.print(f"[dim]plan: {probs}[/]")
+            print()
+    if not json_out:
+        console.print(f"[dim]{len(outs)} samples in {result.seconds:.2f} s "
+                      f"(thinking {result.think_seconds:.2f} s, writing {result.write_seconds:.2f} s)[/]")
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Option(..., help="Recipe JSON (see recipes/)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe value: key.sub=value (JSON)."),
+    output_dir: Optional[str] = typer.Option(None, help="Run folder (overrides the recipe's)."),
+):
+    """Train a core (resumes automatically from the run folder's checkpoint)."""
+    from .training import Trainer, load_recipe
+
+    def work():
+        cfg = load_recipe(recipe, set_)
+        if output_dir:
+            cfg.output_dir = output_dir
+        return Trainer(cfg, console=console).run()
+
+    final = run_guarded(work)
+    print(final)
+
+
+@app.command("attributes")
+def attributes_cmd(
+    core: Optional[Path] = typer.Option(None, help="Core whose latent space heads must fit."),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """List attributes: labels, held-out accuracy, and whether each head fits the core."""
+    from .api import default_core_path
+    from .attributes import list_attributes
+    from .model import read_checkpoint
+
+    def work():
+        config, _ = read_checkpoint(core or default_core_path())
+        return list_attributes(config.latent_space)
+
+    infos = run_guarded(work)
+    if json_out:
+        print(json.dumps([i.to_dict() for i in infos]))
+        return
+    from rich.table import Table
+
+    table = Table("attribute", "labels", "held-out acc.", "source", "fits core")
+    for i in infos:
+        acc = "-" if i.accuracy is None else f"{i.accuracy:.3f}"
+        table.add_row(i.name, ", ".join(i.labels), acc, i.source, "yes" if i.fits else "no")
+    Console().print(table)
+
+
+@app.command("train-attribute")
+def train_attribute_cmd(
+    name: str = typer.Argument(..., help="Attribute name (built-in: sentiment, topic, toxicity; or a new one)."),
+    data: Optional[str] = typer.Option(None, help="CSV/JSONL/parquet file or datasets id (required for a new attribute)."),
+    text_col: str = typer.Option("text"),
+    label_col: str = typer.Option("label"),
+    output: Optional[Path] = typer.Option(None, help="Head folder to write."),
+    core: Optional[Path] = typer.Option(None, help="Core whose latent space the head is trained in."),
+    epochs: int = typer.Option(10),
+):
+    """Train an attribute head on latents of labelled text (never touches the backbone)."""
+    from .api import default_core_path
+    from .attributes import train_attribute
+    from .model import read_checkpoint
+
+    def work():
+        config, _ = read_checkpoint(core or default_core_path())
+        return train_attribute(name, data=data, text_col=text_col, label_col=label_col,
+                               latent_space=config.latent_space, output=output, epochs=epochs, console=console)
+
+    folder = run_guarded(work)
+    print(folder)
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
