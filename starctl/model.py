@@ -56,6 +56,7 @@ class StarConfig:
     num_heads: int = 4
     dropout: float = 0.0
     vocab_size: int = 0              # vocabulary route over this many token ids (0 = off)
+    vocab_hard: bool = True          # slots are the top-K words (straight-through gradient)
     null_prob: float = 0.1           # classifier-free dropout of the backbone states in the head
     backbone_mode: str = "frozen"    # frozen | lora | full
     lora_r: int = 8
@@ -112,11 +113,23 @@ class SoftPromptGenerator(nn.Module):
         self.vocab_map = None
         if c.vocab_size > 0:
             self.vocab_map = nn.Linear(c.latent_dim, c.vocab_size)
+            self.hard = c.vocab_hard
             self.register_buffer("vocab_ids", torch.zeros(c.vocab_size, dtype=torch.long))
             zero_init(self.out)  # the transformer starts as a zero residual on the vocabulary route
 
     def vocab_distributions(self, z: torch.Tensor) -> torch.Tensor:
-        return soft_top_k(self.vocab_map(z), self.num_slots)  # (B, K, V)
+        """(B, d) -> (B, K, V) word choices of the K slots.
+
+        Hard mode: slot j is exactly the j-th most likely word (one-hot), so the LM reads real
+        token embeddings; the gradient is the soft top-K's (straight-through estimator).
+        """
+        logits = self.vocab_map(z)  # (B, V)
+        soft = soft_top_k(logits, self.num_slots)  # (B, K, V)
+        if not self.hard:
+            return soft
+        top = logits.topk(self.num_slots, dim=-1).indices  # (B, K), best first
+        hard = torch.zeros_like(soft).scatter_(-1, top[..., None], 1.0)
+        return hard + soft - soft.detach()
 
     def forward(self, z: torch.Tensor, alpha2: torch.Tensor, token_embeddings: torch.Tensor) -> torch.Tensor:
         # z (B, d), alpha2 (B,), token_embeddings (vocab, H): the backbone's input embedding table

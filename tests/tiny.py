@@ -84,7 +84,7 @@ def save_tiny_encoder(folder: Path, dim: int = 16, seed: int = 0) -> Path:
     bert.save_pretrained(raw)
     fast.save_pretrained(raw)
     word = models.Transformer(str(raw), max_seq_length=64)
-    pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
+    pool = models.Pooling(word.get_embedding_dimension(), pooling_mode="mean")
     st = SentenceTransformer(modules=[word, pool, models.Normalize()], device="cpu")
     st.save(str(folder))
     return folder
