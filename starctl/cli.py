@@ -157,6 +157,34 @@ def train_attribute_cmd(
     print(folder)
 
 
+@eval_app.command("core")
+def eval_core_cmd(
+    core: Optional[Path] = typer.Option(None, help="Core checkpoint folder (default: the bundled core)."),
+    quick: bool = typer.Option(False, help="Smaller sample: same keys, under 10 minutes on 2 cores."),
+    out_dir: Path = typer.Option(Path("runs/eval-core"), help="Where eval-core.json and steps-curve.png go."),
+    judge: str = typer.Option("gemma3-270m", help="Independent LM that judges fluency."),
+    device: str = typer.Option("auto"),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object (last line)."),
+):
+    """Plan gain, planner quality, steps curve and judged fluency of a core on held-out text."""
+    from .api import Star
+    from .evaluation import EvalSettings, evaluate_core
+
+    def work():
+        star = Star.load(core, device=device)
+        settings = EvalSettings.quick() if quick else EvalSettings()
+        settings.judge = judge
+        return evaluate_core(star.core, settings, out_dir, log=lambda m: console.print(m, highlight=False))
+
+    result = run_guarded(work)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            if k not in ("samples", "steps_curve"):
+                print(f"{k:22s} {v:.4f}" if isinstance(v, float) else f"{k:22s} {v}")
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
 

@@ -141,7 +141,7 @@ class _Batch:
         self.cache = DynamicCache()
         self.mask = mask[:, :0]
         self.finished = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.append(core.embed_tokens(ids), mask)
+        self.last_state = self.append(core.embed_tokens(ids), mask)[:, -1]  # (B, H), at the last prompt token
 
     def append(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run new positions (B, n, H) with their mask (B, n) on top of the cache; return states."""
@@ -215,8 +215,14 @@ def write(core: StarCore, batch: _Batch, plan: torch.Tensor, cfg: GenerationConf
     logsnr = logsnr_from_alpha2(min(a2, 1 - 1e-6)).to(dev).expand(B)
     slots = core.soft_prompt(z, logsnr)  # (B, K, H)
     states = batch.append(slots, torch.ones(B, slots.shape[1], dtype=torch.long, device=dev))
-    logits = core.lm_head()(states[:, -1])  # (B, V)
+    return sample_tokens(core, batch, core.lm_head()(states[:, -1]), cfg, budget, generator)
 
+
+def sample_tokens(core: StarCore, batch: _Batch, logits: torch.Tensor, cfg: GenerationConfig, budget: int,
+                  generator: torch.Generator) -> list[list[int]]:
+    """The autoregressive loop on the batch's cache, from next-token logits (B, V)."""
+    dev = core.device
+    B = logits.shape[0]
     vocab = logits.shape[-1]
     seen = torch.zeros(B, vocab, dtype=torch.bool, device=dev)
     for i, t in enumerate(batch.texts):
@@ -225,7 +231,7 @@ def write(core: StarCore, batch: _Batch, plan: torch.Tensor, cfg: GenerationConf
     segments: list[list[int]] = [[] for _ in range(B)]
     eos = core.tokenizer.eos_token_id
     pad = core.tokenizer.pad_token_id
-    for _ in range(budget):
+    for step in range(budget):
         if not bool(active.any()):
             break
         token = sample_next_token(logits, seen, cfg, generator)  # (B,)
@@ -239,6 +245,8 @@ def write(core: StarCore, batch: _Batch, plan: torch.Tensor, cfg: GenerationConf
             seen[i, t] = True
             if cfg.plan_every == "sentence" and core.tokenizer.decode([t]).rstrip().endswith(SENTENCE_ENDS):
                 active[i] = False
+        if step == budget - 1:
+            break  # the last token's forward pass would only serve a token never sampled
         states = batch.append(core.embed_tokens(token[:, None]), kept.long()[:, None])
         logits = core.lm_head()(states[:, -1])
     return segments
@@ -330,3 +338,41 @@ def generate(core: StarCore, prompts: list[str], cfg: GenerationConfig | None = 
                        sample=s, plans=all_plans[i], steps_used=steps_used[i])
             for i, (p, _, s) in enumerate(rows)]
     return GenerationResult(gens, seconds, think_s, write_s, sum(len(g) for g in batch.generated))
+
+
+
+class plain_backbone:
+    """Context manager: the backbone exactly as shipped (LoRA adapters disabled, if any)."""
+
+    def __init__(self, core: StarCore):
+        self.core = core
+        self.ctx = core.backbone.disable_adapter() if hasattr(core.backbone, "disable_adapter") else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+        return self.core
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+        return False
+
+
+@torch.no_grad()
+def generate_plain(core: StarCore, prompts: list[str], cfg: GenerationConfig | None = None) -> GenerationResult:
+    """Plain backbone sampling (no plan, LoRA adapters off) with the same decoding settings and
+    the same sampling loop as `generate`: the baseline for fluency, diversity and speed."""
+    cfg = cfg or GenerationConfig()
+    cfg.validate()
+    token_lists = tokenize_prompts(core, prompts, cfg)
+    rows = [(p, t, s) for p, t in zip(prompts, token_lists) for s in range(cfg.num_samples)]
+    generator = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    started = time.perf_counter()
+    with plain_backbone(core):
+        batch = _Batch(core, [t for _, t, _ in rows])
+        segments = sample_tokens(core, batch, core.lm_head()(batch.last_state), cfg, cfg.max_new_tokens, generator)
+    seconds = time.perf_counter() - started
+    gens = [Generation(prompt=p, continuation=core.tokenizer.decode(segments[i], skip_special_tokens=True), sample=s)
+            for i, (p, _, s) in enumerate(rows)]
+    return GenerationResult(gens, seconds, 0.0, seconds, sum(len(seg) for seg in segments))

@@ -238,6 +238,9 @@ class Trainer:
         for source in c.sources:
             docs.extend(load_texts(source))
         train_docs, held_docs = split_documents(docs, c.heldout_fraction, seed=self.cfg.seed)
+        # Mix the sources, so that a chunk budget (max_chunks, eval_chunks) samples all of them.
+        random.Random(self.cfg.seed).shuffle(train_docs)
+        random.Random(self.cfg.seed + 1).shuffle(held_docs)
         tag = {"sources": c.sources, "encoder": self.cfg.core.encoder, "backbone": self.cfg.core.backbone,
                "heldout": c.heldout_fraction}
         cache = self.out.parent / "plan-cache" if self.out.parent != self.out else None
