@@ -87,6 +87,7 @@ class Generation:
     prompt: str
     continuation: str
     sample: int
+    token_ids: list[int] = field(default_factory=list)        # the generated tokens
     plans: list[torch.Tensor] = field(default_factory=list)   # the plan (d,) of each round
     steps_used: list[int] = field(default_factory=list)
 
@@ -335,7 +336,7 @@ def generate(core: StarCore, prompts: list[str], cfg: GenerationConfig | None = 
         replan_prefix(core, batch, text_length, segments)
     seconds = time.perf_counter() - started
     gens = [Generation(prompt=p, continuation=core.tokenizer.decode(batch.generated[i], skip_special_tokens=True),
-                       sample=s, plans=all_plans[i], steps_used=steps_used[i])
+                       sample=s, token_ids=batch.generated[i], plans=all_plans[i], steps_used=steps_used[i])
             for i, (p, _, s) in enumerate(rows)]
     return GenerationResult(gens, seconds, think_s, write_s, sum(len(g) for g in batch.generated))
 
@@ -373,6 +374,7 @@ def generate_plain(core: StarCore, prompts: list[str], cfg: GenerationConfig | N
         batch = _Batch(core, [t for _, t, _ in rows])
         segments = sample_tokens(core, batch, core.lm_head()(batch.last_state), cfg, cfg.max_new_tokens, generator)
     seconds = time.perf_counter() - started
-    gens = [Generation(prompt=p, continuation=core.tokenizer.decode(segments[i], skip_special_tokens=True), sample=s)
+    gens = [Generation(prompt=p, continuation=core.tokenizer.decode(segments[i], skip_special_tokens=True), sample=s,
+                       token_ids=segments[i])
             for i, (p, _, s) in enumerate(rows)]
     return GenerationResult(gens, seconds, 0.0, seconds, sum(len(seg) for seg in segments))

@@ -28,3 +28,24 @@ def corpus_file(tmp_path_factory):
     # Documents separated by blank lines; each long enough for a few 16-token chunks.
     path.write_text("\n\n".join(" ".join(DOCS[i:] + DOCS[:i]) for i in range(len(DOCS))) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_core_dir(tmp_path_factory, tiny_backbone_dir, tiny_encoder_dir):
+    """A randomly initialised tiny core saved like a trained one."""
+    import torch
+
+    from starctl.assets import load_backbone
+    from starctl.model import StarConfig, StarCore
+
+    torch.manual_seed(0)
+    backbone, tok = load_backbone(str(tiny_backbone_dir))
+    cfg = StarConfig(backbone=str(tiny_backbone_dir), encoder=str(tiny_encoder_dir), latent_dim=16, width=32,
+                     num_heads=2, generator_depth=1, head_depth=1, vocab_size=40, num_slots=4,
+                     latent_mean=0.01, latent_std=0.2)
+    core = StarCore(cfg, backbone, tok)
+    with torch.no_grad():
+        core.generator.vocab_ids.copy_(torch.arange(10, 50))
+    folder = tmp_path_factory.mktemp("core") / "tiny-core"
+    core.save_pretrained(folder)
+    return folder
