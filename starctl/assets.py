@@ -512,7 +512,9 @@ def load_backbone(name: str, dtype: torch.dtype | str | None = None) -> tuple[An
     the model's files set it: callers choose left/right padding themselves.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress display is the CLI's
     dt = _as_dtype(dtype)
     hub_id = (name not in _BUILTIN_BACKBONE_SPECS) and _local_folder(name, "backbone") is None
     if not hub_id:

@@ -148,12 +148,24 @@ def train_attribute_cmd(
     from .attributes import train_attribute
     from .model import read_checkpoint
 
+    from rich.progress import Progress
+
     def work():
         config, _ = read_checkpoint(core or default_core_path())
-        return train_attribute(name, data=data, text_col=text_col, label_col=label_col,
-                               latent_space=config.latent_space, output=output, epochs=epochs, console=console)
+        with Progress(console=console) as bar:
+            tasks: dict[str, int] = {}
 
-    folder = run_guarded(work)
+            def progress(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(stage, total=total)
+                bar.update(tasks[stage], completed=done, total=total)
+
+            return train_attribute(name, data=data, text_col=text_col, label_col=label_col,
+                                   latent_space=config.latent_space, output=output, epochs=epochs,
+                                   progress=progress)
+
+    folder, report = run_guarded(work)
+    console.print(report.table(), highlight=False)
     print(folder)
 
 

@@ -66,6 +66,7 @@ class TrainConfig:
     vocab_skip: int = 100             # most frequent tokens left out of the vocabulary route
     vocab_fit_epochs: int = 3
     vocab_sharpen: float = 1.0        # multiply the fitted word logits (sharper slot picks)
+    train_generator: bool = True      # False: the soft prompt stays the fitted vocabulary route
     eval_every: int = 100
     eval_alpha2: float = 0.95
     checkpoint_every: int = 50
@@ -320,8 +321,8 @@ class Trainer:
         (self.out / "recipe.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
         dtype = torch.float32
+        encoder = load_encoder(cfg.core.encoder)  # first: a bad encoder name fails before the backbone loads
         core = StarCore.build(cfg.core, device="cpu", dtype=dtype)
-        encoder = load_encoder(cfg.core.encoder)
         train, held = self.prepare_data(core, encoder)
         del encoder
         if not resuming:
@@ -336,6 +337,8 @@ class Trainer:
         if cfg.core.vocab_size > 0 and not resuming:
             info = self.init_vocabulary(core, train, latents, held, held_latents)
         core.to(self.device)
+        if not cfg.train_generator:
+            core.generator.requires_grad_(False)
 
         params = trained_parameters(core)
         groups = [{"params": [p for k, p in params.items() if not k.startswith("backbone.")], "lr": cfg.lr},
