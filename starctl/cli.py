@@ -197,6 +197,31 @@ def eval_core_cmd(
                 print(f"{k:22s} {v:.4f}" if isinstance(v, float) else f"{k:22s} {v}")
 
 
+@app.command("demo")
+def demo_cmd(
+    host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
+    port: int = typer.Option(7860, help="Port to serve on."),
+    core: Optional[Path] = typer.Option(None, help="Core checkpoint folder (default: the bundled core)."),
+):
+    """Serve the Gradio demo: a prompt, a slider per attribute label, live steering."""
+
+    def work():
+        try:
+            from demo.app import main as demo_main
+        except ModuleNotFoundError as e:
+            if e.name in ("gradio", "pandas"):
+                raise StarctlError(f"the demo needs {e.name}: pip install 'starctl[demo]'") from None
+            root = Path(__file__).resolve().parent.parent  # the demo/ folder sits beside the package
+            if not (root / "demo" / "app.py").is_file():
+                raise StarctlError("the demo is not installed (demo/app.py ships with the repository)") from None
+            sys.path.insert(0, str(root))
+            sys.modules.pop("demo", None)
+            from demo.app import main as demo_main
+        return demo_main(host=host, port=port, core=core)
+
+    run_guarded(work)
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
 

@@ -1,0 +1,1 @@
+"""The Gradio demo of starctl (see demo/app.py; run it with `starctl demo`)."""
