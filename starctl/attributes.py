@@ -459,14 +459,27 @@ def _sentiment_examples() -> Examples:
                     provenance=get_definition("sentiment").labelling)
 
 
-def _topic_examples(label_map: dict[str, str] | None = None) -> Examples:
+# Share of BBC articles kept away from the topic head, for the independent TF-IDF topic judge of
+# `starctl eval steer` (split by article, deterministic).
+TOPIC_JUDGE_FRACTION, TOPIC_JUDGE_SEED = 0.3, 42
+
+
+def topic_article_split() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(articles the topic head may use, articles reserved for the judge): disjoint by article."""
+    from . import corpora
+
+    return corpora.split_documents(corpora.load_labelled("bbc-topic"), TOPIC_JUDGE_FRACTION, seed=TOPIC_JUDGE_SEED)
+
+
+def _topic_examples(label_map: dict[str, str] | None = None, exclude_judge_articles: bool = False) -> Examples:
     from . import corpora
 
     label_map = label_map or {}
     texts, labels, groups = [], [], []
     seen_docs: set[str] = set()
     passage_label: dict[str, str] = {}
-    for k, (text, lab) in enumerate(corpora.load_labelled("bbc-topic")):
+    articles = topic_article_split()[0] if exclude_judge_articles else corpora.load_labelled("bbc-topic")
+    for k, (text, lab) in enumerate(articles):
         key = " ".join(text.split())
         if key in seen_docs:  # the BBC set holds some articles twice
             continue

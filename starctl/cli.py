@@ -222,6 +222,30 @@ def demo_cmd(
     run_guarded(work)
 
 
+@eval_app.command("steer")
+def eval_steer_cmd(
+    core: Optional[Path] = typer.Option(None, help="Core checkpoint folder (default: the bundled core)."),
+    quick: bool = typer.Option(False, help="Fewer prompts, samples and strengths."),
+    out_dir: Path = typer.Option(Path("runs/eval-steer"), help="Where eval-steer.json and steer-sweep.png go."),
+    judge: str = typer.Option("gemma3-270m", help="Independent LM that judges fluency."),
+    device: str = typer.Option("auto"),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object (last line)."),
+):
+    """On-target rates of steered generation under independent judges, with judged fluency."""
+    from .api import Star
+    from .steer_eval import SteerEvalSettings, evaluate_steering
+
+    def work():
+        star = Star.load(core, device=device)
+        settings = SteerEvalSettings.quick() if quick else SteerEvalSettings()
+        settings.judge = judge
+        return evaluate_steering(star, settings, out_dir, log=lambda m: console.print(m, highlight=False))
+
+    result = run_guarded(work)
+    if json_out:
+        print(json.dumps(result))
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
 
