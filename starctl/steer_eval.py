@@ -115,7 +115,8 @@ class Runner:
                                           max_new_tokens=self.s.max_new_tokens, seed=self.s.seed)
         texts = [o.continuation for o in outs]
         ppl = judge_perplexity(self.judge, self.judge_tok, [o.prompt for o in outs], texts)
-        return {"texts": texts, "prompts": [o.prompt for o in outs], "judge_ppl": ppl, "seconds": result.seconds}
+        return {"texts": texts, "prompts": [o.prompt for o in outs], "judge_ppl": ppl, "seconds": result.seconds,
+                "probabilities": [o.probabilities for o in outs]}
 
 
 def evaluate_steering(star, settings: SteerEvalSettings, out_dir: Path | None = None, log=print) -> dict:
