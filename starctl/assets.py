@@ -542,6 +542,26 @@ def load_backbone(name: str, dtype: torch.dtype | str | None = None) -> tuple[An
     return model, tok
 
 
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer of a backbone (built-in name, local folder or hub id), with a pad token as
+    `load_backbone` gives it, without loading the weights (for data work such as `starctl encode`)."""
+    from transformers import AutoTokenizer
+
+    hub_id = (name not in _BUILTIN_BACKBONE_SPECS) and _local_folder(name, "backbone") is None
+    try:
+        if not hub_id:
+            tok = AutoTokenizer.from_pretrained(str(resolve_backbone(name)))
+        else:
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=hub_offline_reason() is not None)
+    except (OSError, ValueError, *hub_errors()) as e:
+        raise StarctlError(f"tokenizer of backbone '{name}' could not be loaded: {first_line(e)}") from e
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise StarctlError("backbone tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 # --------------------------------------------------------------------------------------------
 # Sentence encoders
 # --------------------------------------------------------------------------------------------

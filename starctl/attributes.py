@@ -673,12 +673,13 @@ def train_attribute(name: str, data: str | None = None, text_col: str = "text", 
                     latent_space: LatentSpace, encoder=None, output: str | os.PathLike | None = None,
                     description: str | None = None, limit: int | None = None,
                     cache: str | os.PathLike | None = None, progress: Progress | None = None,
-                    **overrides) -> tuple[Path, HeadReport]:
+                    streaming: bool = False, **overrides) -> tuple[Path, HeadReport]:
     """Train a head for attribute `name` and write it; returns (head folder, report).
 
     data: a labelled source for `corpora.load_labelled` (a built-in labelled set, a local
         .csv/.tsv/.jsonl/.parquet file with `text_col` and `label_col`, or a `datasets` hub id).
         None: `name` must be a built-in attribute, trained from its own recipe.
+    streaming: read `data` with `datasets` streaming (`corpora.load_labelled(streaming=True)`).
     encoder: the core's sentence encoder; default `assets.load_encoder(latent_space.encoder)`.
     output: the head folder; default `user_attributes_dir()/<name>/head` (then an
         attribute.json describing the data is written beside it, so the registry lists it).
@@ -697,7 +698,7 @@ def train_attribute(name: str, data: str | None = None, text_col: str = "text", 
     else:
         from . import corpora
 
-        pairs = corpora.load_labelled(data, text_col=text_col, label_col=label_col)
+        pairs = corpora.load_labelled(data, text_col=text_col, label_col=label_col, streaming=streaming)
         texts, labels_list = [t for t, _ in pairs], [lab for _, lab in pairs]
         ex = Examples(texts, labels_list, list(texts)).limited(limit, int(overrides.get("seed") or 0))
         data_text = f"{data} (text column '{text_col}', label column '{label_col}')"

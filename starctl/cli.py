@@ -246,6 +246,26 @@ def eval_steer_cmd(
         print(json.dumps(result))
 
 
+@app.command("encode")
+def encode_cmd(
+    recipe: Path = typer.Option(..., help="Recipe JSON whose chunks to encode."),
+    output: Path = typer.Option(..., help="Folder to write (train with --set data.encoded=FOLDER)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe value: key.sub=value (JSON)."),
+    max_chunks: Optional[int] = typer.Option(None, help="Training chunks to encode (required when streaming)."),
+    batch_size: int = typer.Option(64, help="Encoder batch size."),
+):
+    """Precompute the plan embeddings of a recipe's chunks; shards across `accelerate launch` processes."""
+    from .encode import encode_corpus
+    from .training import load_recipe
+
+    def work():
+        cfg = load_recipe(recipe, set_)
+        return encode_corpus(cfg, output, max_chunks=max_chunks, batch_size=batch_size,
+                             log=lambda m: console.print(m, highlight=False))
+
+    print(run_guarded(work))
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
 

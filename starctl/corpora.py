@@ -148,6 +148,7 @@ def load_labelled(
     *,
     vader_threshold: float = VADER_THRESHOLD,
     split: str | None = None,
+    streaming: bool = False,
 ) -> list[tuple[str, str]]:
     """(text, label) pairs for training an attribute classifier.
 
@@ -160,7 +161,12 @@ def load_labelled(
     parquet has no lines, so its rows are numbered from 1): a missing column (naming the
     columns present), an empty text or label, or a line that is not valid JSON.
     `vader_threshold` applies to `vader-sentiment` only; `split` to hub ids only.
+    `streaming`: read a hub id or a local .jsonl/.json/.parquet/.csv file with `datasets`'
+    streaming=True (rows arrive one by one, nothing is downloaded or converted up front; see
+    streaming.py); rows with an empty text or label are skipped, as for hub ids.
     """
+    if streaming:
+        return _streamed_labelled(source, text_col, label_col, split)
     if source in BUILTIN_LABELLED:
         _single_split(source, split)
     if source == "rotten-tomatoes":
@@ -187,6 +193,22 @@ def load_labelled(
         return out
     rows = _hub_rows(source, split, text_col, label_col, BUILTIN_LABELLED, "labelled source")
     return [(t.strip(), lab) for t, lab in rows if t.strip() and lab]
+
+
+def _streamed_labelled(source: str, text_col: str, label_col: str, split: str | None) -> list[tuple[str, str]]:
+    from .streaming import stream_rows
+
+    if source in BUILTIN_LABELLED:
+        raise StarctlError(f"'{source}' is a built-in labelled set: it is not streamed (drop streaming)")
+    spec: str | dict = source if split is None else {"path": source, "split": split}
+    out = []
+    for row in stream_rows(spec, [text_col, label_col]):
+        text, label = row[text_col].strip(), row[label_col].strip()
+        if text and label:
+            out.append((text, label))
+    if not out:
+        raise StarctlError(f"{source}: no rows with a text and a label")
+    return out
 
 
 def split_documents(texts: Sequence[T], heldout_fraction: float, seed: int = 0) -> tuple[list[T], list[T]]:

@@ -22,6 +22,7 @@ embedding table is read from the first step (DESIGN.md, "Measured risk").
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from dataclasses import asdict, dataclass, field, fields
@@ -175,12 +176,22 @@ def decoder_body(backbone: nn.Module) -> nn.Module:
     return body
 
 
+@functools.lru_cache(maxsize=64)
+def _cache_kwarg_name(forward) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
 def cache_kwarg(module: nn.Module, cache) -> dict:
-    """transformers 5.x renamed `past_key_values` to `cache`; pass whichever the model takes."""
+    """transformers 5.x renamed `past_key_values` to `cache`; pass whichever the model takes.
+    (The answer is cached per forward function: inspect.signature costs ~0.1 ms per pass.)"""
     if cache is None:
         return {}
-    params = inspect.signature(module.forward).parameters
-    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+    forward = module.forward
+    try:
+        name = _cache_kwarg_name(getattr(forward, "__func__", forward))
+    except TypeError:  # an unhashable callable
+        name = _cache_kwarg_name.__wrapped__(forward)
+    return {name: cache}
 
 
 def crop_cache(cache, length: int) -> None:
@@ -263,8 +274,9 @@ class StarCore(nn.Module):
     def run_body(self, embeds, mask, position_ids, cache=None):
         """Last hidden states (B, L, H) of the backbone over input embeddings; `cache` (a
         transformers Cache holding earlier positions) is extended in place when given."""
-        out = self.body()(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                          use_cache=cache is not None, **cache_kwarg(self.body(), cache))
+        body = self.body()
+        out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                   use_cache=cache is not None, **cache_kwarg(body, cache))
         return out.last_hidden_state
 
     # --- training ------------------------------------------------------------------------
@@ -348,23 +360,32 @@ class StarCore(nn.Module):
 
     # --- save / load -----------------------------------------------------------------------
 
-    def trained_state_dict(self) -> dict[str, torch.Tensor]:
-        """The parameters this checkpoint owns: generator, head, and what of the backbone trained."""
+    def trained_state_dict(self, keep_tied: bool = False) -> dict[str, torch.Tensor]:
+        """The parameters this checkpoint owns: generator, head, and what of the backbone trained.
+
+        A tensor tied to an earlier entry (a fully trained backbone's output embedding tied to
+        its input embedding, as in GPT-2) is listed once, under its first name (the one
+        `named_parameters` uses), unless `keep_tied`."""
         sd = {}
         for prefix, module in (("generator.", self.generator), ("score_head.", self.score_head)):
             for k, v in module.state_dict().items():
                 sd[prefix + k] = v
         mode = self.config.backbone_mode
         if mode != "frozen":
+            seen: set[tuple[int, tuple]] = set()
             for k, v in self.backbone.state_dict().items():
                 if mode == "full" or "lora_" in k:
+                    key = (v.data_ptr(), tuple(v.shape))
+                    if key in seen and not keep_tied:
+                        continue
+                    seen.add(key)
                     sd["backbone." + k] = v
         return {k: v.detach().contiguous() for k, v in sd.items()}
 
     def load_trained_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         own = self.trained_state_dict()
         missing = sorted(set(own) - set(sd))
-        unexpected = sorted(set(sd) - set(own))
+        unexpected = sorted(set(sd) - set(self.trained_state_dict(keep_tied=True)))
         if missing or unexpected:
             raise StarctlError(f"checkpoint does not match this core: missing {missing[:3]}, unexpected {unexpected[:3]}")
         self.generator.load_state_dict({k[10:]: v for k, v in sd.items() if k.startswith("generator.")})

@@ -116,9 +116,12 @@ def test_load_head_refuses_a_mismatched_fingerprint():
     assert load_head(str(folder), SPACE).labels == ["happy", "sad"]
 
 
-def test_load_head_errors_for_unknown_and_untrained():
+def test_load_head_errors_for_unknown_and_untrained(tmp_path, monkeypatch):
     with pytest.raises(StarctlError, match="unknown attribute 'nope': known are .*sentiment"):
         load_head("nope", SPACE)
+    root = tmp_path / "builtin"
+    write_definition(root / "toxicity", "toxicity", ["toxic", "non-toxic"])  # a definition without a head
+    monkeypatch.setenv("STARCTL_ATTRIBUTES", str(root))
     with pytest.raises(StarctlError, match="no trained head yet.*train-attribute toxicity"):
         load_head("toxicity", SPACE)
 
