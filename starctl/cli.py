@@ -266,6 +266,23 @@ def encode_cmd(
     print(run_guarded(work))
 
 
+@app.command("bench")
+def bench_cmd(
+    core: Optional[Path] = typer.Option(None, help="Core checkpoint folder (default: the bundled core)."),
+    quick: bool = typer.Option(False, help="A subset of the grid that finishes in under 3 minutes on 2 cores."),
+    out_dir: Path = typer.Option(Path("runs/bench"), help="Where bench.json, bench.md and bench.png go."),
+    device: str = typer.Option("auto"),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object (last line)."),
+):
+    """Speed: plain decoding vs STAR-LDM (unsteered, 1 and 3 attributes) vs reference-style thinking."""
+    from .bench import run_bench
+
+    result = run_guarded(run_bench, core, quick=quick, out_dir=out_dir, device=device,
+                         log=lambda m: console.print(m, highlight=False))
+    if json_out:
+        print(json.dumps(result))
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
 
