@@ -37,6 +37,9 @@ import torch
 from starctl.errors import StarctlError
 from starctl.schedule import SAMPLER_SCHEDULE, CosineSchedule, alpha_sigma
 
+ADAPTIVE_MIN_LOGSNR = 0.0
+"""Adaptive thinking never stops before this log-SNR (alpha^2 = 1/2 at 0); see sample_dpmpp_2m."""
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """denoiser(z_t (B, D), logsnr (B,)) -> v-prediction (B, D)."""
 
@@ -82,6 +85,9 @@ class SamplerTrace:
     # RMS (over the whole batch) change of the predicted clean plan x0 between consecutive
     # denoiser evaluations; steps_used - 1 entries.
     x0_deltas: list[float] = field(default_factory=list)
+    # The adaptive rule's measure (see `tolerance`): the largest over the batch of the per-sample
+    # relative change of x0 per unit log-SNR; steps_used - 1 entries.
+    rel_rates: list[float] = field(default_factory=list)
 
 
 def _check_logsnrs(logsnrs: torch.Tensor) -> None:
@@ -107,13 +113,25 @@ def sample_dpmpp_2m(denoiser: Denoiser, noise: torch.Tensor, steps: int = 20,
     steps: number of denoiser evaluations, at `timesteps(steps, schedule, spacing)`.
     guidance: applied in order to the noise prediction at every evaluation, each receiving the
         previous one's output; x0 is then re-derived from the guided eps.
-    tolerance: adaptive thinking. If not None, stop as soon as the RMS change of the predicted x0
-        between two consecutive evaluations is below `tolerance` (so at least 2 evaluations) and
-        return that latest x0 prediction, i.e. jump straight to sigma = 0 as the final step would.
-        Caveat: at the noisiest levels x0 is close to the data mean whatever z, so it barely moves
-        there; with 'logsnr' spacing the first deltas can be tiny and a tolerance above them stops
-        after 2 evaluations. The delta is over the whole batch, not per sample.
-    trace: if given, its steps_used (denoiser evaluations made) and x0_deltas are overwritten.
+    tolerance: adaptive thinking (None = always run every step). After each evaluation k >= 2 the
+        sampler measures, PER SAMPLE, the relative rate of change of the predicted clean plan per
+        unit of log-SNR,
+            rate_k = |x0_k - x0_{k-1}| / (|x0_k| (logsnr_k - logsnr_{k-1}))       (norms over D),
+        and stops once, for EVERY sample of the batch: (1) its rate has passed its peak (it is
+        below the largest rate that sample has shown so far), (2) logsnr_k >= ADAPTIVE_MIN_LOGSNR
+        (0: alpha^2 >= 1/2) and (3) rate_k < tolerance. It then returns the latest x0, i.e. jumps
+        straight to sigma = 0 as the final step would.
+        Why this rule: at the noisiest levels x0 is close to the data mean whatever z, so it barely
+        moves there (a raw-delta rule stops after 2 evaluations, at noise); the deltas first grow,
+        peak where the plan commits, then decay. Far enough along, x0's distance to its limit
+        decays like exp(-logsnr) (exactly so for Gaussian data), so the rate per unit log-SNR
+        estimates the relative change still to come: the tolerance is roughly the relative plan
+        error accepted (e.g. 0.01 ~ 1%), whatever the spacing or the number of steps. Dividing
+        by the step in log-SNR makes the rule independent of the step size; guards (1) and (2)
+        keep it from firing before the plan has formed. With normalised (unit-variance) latents
+        nothing can have converged before logsnr 0, where the prior mean still weighs half.
+    trace: if given, its steps_used (denoiser evaluations made), x0_deltas and rel_rates are
+        overwritten.
     logsnrs: keyword-only; an explicit increasing sequence of log-SNRs (noisiest first) replacing
         `steps`, `schedule` and `spacing`: the denoiser is evaluated at all but the last, which is
         the target. All must be finite except the last, which may be +inf; if the last is finite
@@ -127,11 +145,14 @@ def sample_dpmpp_2m(denoiser: Denoiser, noise: torch.Tensor, steps: int = 20,
     gradients enable them themselves (see `Guidance`); this works whatever the caller's grad mode.
     Returns the final plan, (B, D), in noise's dtype and device.
     """
+    if tolerance is not None and not tolerance > 0:
+        raise StarctlError(f"tolerance must be > 0 (or None to run every step), got {tolerance}")
     if logsnrs is None:
         logsnrs = timesteps(steps, schedule, spacing)
     else:
         logsnrs = torch.as_tensor(logsnrs, dtype=torch.float64)
         _check_logsnrs(logsnrs)
+    levels = logsnrs.tolist()                        # host copy: no device sync in the stop test
     logsnrs = logsnrs.to(device=noise.device, dtype=noise.dtype)                      # (N+1,)
     alphas, sigmas = alpha_sigma(logsnrs)                                             # (N+1,) each
     lambdas = logsnrs / 2                            # DPM-Solver's lambda = log(alpha / sigma)
@@ -139,7 +160,8 @@ def sample_dpmpp_2m(denoiser: Denoiser, noise: torch.Tensor, steps: int = 20,
     batch = noise.shape[0]
     measure = tolerance is not None or trace is not None
     if trace is not None:
-        trace.steps_used, trace.x0_deltas = 0, []
+        trace.steps_used, trace.x0_deltas, trace.rel_rates = 0, [], []
+    peak_rate = None                                 # (B,) largest rate seen so far per sample
 
     with torch.no_grad():
         z = noise                                                                     # (B, D)
@@ -163,10 +185,18 @@ def sample_dpmpp_2m(denoiser: Denoiser, noise: torch.Tensor, steps: int = 20,
             if trace is not None:
                 trace.steps_used = i + 1
             if measure and x0_prev is not None:
-                delta = (x0 - x0_prev).pow(2).mean().sqrt().item()
+                diff = x0 - x0_prev                                                   # (B, D)
+                step = logsnrs[i] - logsnrs[i - 1]                                    # () > 0, finite
+                rate = diff.norm(dim=1) / (x0.norm(dim=1).clamp_min(1e-12) * step)   # (B,)
+                if peak_rate is None:                 # the first rate: no peak passed yet
+                    passed_peak, peak_rate = torch.zeros_like(rate, dtype=torch.bool), rate
+                else:
+                    passed_peak, peak_rate = rate < peak_rate, torch.maximum(peak_rate, rate)
                 if trace is not None:
-                    trace.x0_deltas.append(delta)
-                if tolerance is not None and delta < tolerance:
+                    trace.x0_deltas.append(diff.pow(2).mean().sqrt().item())
+                    trace.rel_rates.append(rate.max().item())
+                if (tolerance is not None and levels[i] >= ADAPTIVE_MIN_LOGSNR
+                        and bool((passed_peak & (rate < tolerance)).all())):
                     return x0
 
             # Step from lambda_s to lambda_t, h > 0 (towards less noise).

@@ -98,3 +98,25 @@ def test_bad_generation_input(core):
     with pytest.raises(StarctlError, match="plan-every"):
         parse_plan_every("often")
     assert parse_plan_every("sentence") == "sentence" and parse_plan_every("8") == 8
+
+
+def test_nucleus_shortcut_matches_a_full_sort():
+    """sample_next_token looks for the nucleus among the top NUCLEUS_CANDIDATES tokens first; the
+    draws must be those of the plain full-sort implementation (same generator state)."""
+    def full_sort(logits, seen, cfg, generator):
+        penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
+        logits = torch.where(seen, penalised, logits) / cfg.temperature
+        probs = torch.softmax(logits, dim=-1)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= cfg.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(12):
+        scale = (0.3, 3.0, 8.0)[trial % 3]  # 0.3: flat, the shortcut falls back to a full sort
+        logits = torch.randn(4, 12000, generator=g) * scale
+        seen = torch.rand(4, 12000, generator=g) < 0.02
+        cfg = GenerationConfig(top_p=(0.9, 0.5)[trial % 2], temperature=(1.0, 0.7)[trial % 2])
+        new = sample_next_token(logits, seen, cfg, torch.Generator().manual_seed(trial))
+        assert torch.equal(new, full_sort(logits, seen, cfg, torch.Generator().manual_seed(trial)))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from starctl.errors import StarctlError
-from starctl.sampler import SamplerTrace, sample_dpmpp_2m, timesteps
+from starctl.sampler import ADAPTIVE_MIN_LOGSNR, SamplerTrace, sample_dpmpp_2m, timesteps
 from starctl.schedule import SAMPLER_SCHEDULE, alpha_sigma
 
 F64 = torch.float64
@@ -278,38 +278,103 @@ def test_spacings_differ():
 
 # --- 6. tolerance (adaptive thinking) --------------------------------------------------------
 
-def test_tolerance_stops_early():
-    denoiser = gaussian_denoiser(torch.tensor([1.0, -1.0], dtype=F64),
-                                 torch.tensor([0.3, 0.3], dtype=F64))
-    noise = randn(256, 2, seed=7)
-    # 'time' spacing: there the x0 deltas shrink steadily, so the stop falls mid-trajectory. (With
-    # 'logsnr' spacing x0 hardly moves over the first, very noisy, levels.)
-    full = SamplerTrace()
-    sample_dpmpp_2m(denoiser, noise, steps=20, spacing="time", trace=full)
-    assert full.steps_used == 20 and len(full.x0_deltas) == 19
+def latent_like_gaussian(dim: int = 64, seed: int = 11):
+    """Gaussian data shaped like normalised plans: per-coordinate means ~0.3, stds spread around 1."""
+    g = torch.Generator().manual_seed(seed)
+    mu = 0.3 * torch.randn(dim, generator=g, dtype=F64)
+    s = 0.8 * torch.exp(0.7 * torch.randn(dim, generator=g, dtype=F64))
+    return mu, s
 
-    tol = 1e-2
-    early = SamplerTrace()
-    x = sample_dpmpp_2m(denoiser, noise, steps=20, spacing="time", tolerance=tol, trace=early)
-    k = early.steps_used
-    print(f"tolerance {tol}: {k} of 20 evaluations; deltas {[f'{d:.1e}' for d in early.x0_deltas]}")
-    assert 2 < k < 20
-    assert len(early.x0_deltas) == k - 1
-    assert early.x0_deltas[-1] < tol and all(d >= tol for d in early.x0_deltas[:-1])
-    assert early.x0_deltas == full.x0_deltas[: k - 1]
-    # The result is the k-th evaluation's x0: the same as running the first k levels then jumping to
-    # sigma = 0 (whose last step is first order and returns that x0).
-    grid = timesteps(20, spacing="time")
-    truncated = torch.cat([grid[:k], grid[-1:]])
-    torch.testing.assert_close(x, sample_dpmpp_2m(denoiser, noise, logsnrs=truncated),
-                               atol=0, rtol=0)
 
+def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest over the batch of |x - ref| / |ref| (norms over the plan's coordinates)."""
+    return ((x - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
+
+
+@pytest.mark.parametrize("spacing", ["logsnr", "time"])
+def test_tolerance_saves_steps_at_small_error(spacing):
+    mu, s = latent_like_gaussian()
+    denoiser = gaussian_denoiser(mu, s)
+    noise = randn(32, mu.numel(), seed=7)
+    full_trace = SamplerTrace()
+    full = sample_dpmpp_2m(denoiser, noise, steps=20, spacing=spacing, trace=full_trace)
+    assert full_trace.steps_used == 20 and len(full_trace.x0_deltas) == len(full_trace.rel_rates) == 19
+
+    for tol in (3e-2, 1e-2):
+        early = SamplerTrace()
+        x = sample_dpmpp_2m(denoiser, noise, steps=20, spacing=spacing, tolerance=tol, trace=early)
+        k = early.steps_used
+        err = relative_error(x, full)
+        print(f"{spacing} tolerance {tol}: {k} of 20 evaluations, relative error vs 20 steps {err:.1e}")
+        assert 2 < k < 20                    # stops, but neither at once nor at the end
+        assert err < 4 * tol                 # the tolerance is roughly the relative error accepted
+        assert len(early.rel_rates) == len(early.x0_deltas) == k - 1
+        assert early.rel_rates == full_trace.rel_rates[: k - 1]
+        assert early.rel_rates[-1] < tol
+        # The result is the k-th evaluation's x0: running the first k levels, then jumping to sigma = 0.
+        grid = timesteps(20, spacing=spacing)
+        assert grid[k - 1] >= ADAPTIVE_MIN_LOGSNR
+        truncated = torch.cat([grid[:k], grid[-1:]])
+        torch.testing.assert_close(x, sample_dpmpp_2m(denoiser, noise, logsnrs=truncated), atol=0, rtol=0)
+    # A tighter tolerance costs more steps and buys a smaller error.
+    loose, tight = SamplerTrace(), SamplerTrace()
+    x_loose = sample_dpmpp_2m(denoiser, noise, steps=20, spacing=spacing, tolerance=3e-2, trace=loose)
+    x_tight = sample_dpmpp_2m(denoiser, noise, steps=20, spacing=spacing, tolerance=3e-3, trace=tight)
+    assert tight.steps_used > loose.steps_used
+    assert relative_error(x_tight, full) < relative_error(x_loose, full)
+
+
+def test_tolerance_never_stops_at_the_noisiest_levels():
+    """x0 barely moves at the noisiest levels: even a huge tolerance waits for the deltas to peak
+    and for logsnr >= 0 (the old raw-delta rule stopped after 2 evaluations here)."""
+    mu, s = latent_like_gaussian()
+    denoiser = gaussian_denoiser(mu, s)
+    noise = randn(16, mu.numel(), seed=8)
+    trace = SamplerTrace()
+    sample_dpmpp_2m(denoiser, noise, steps=20, tolerance=1e9, trace=trace)
+    grid = timesteps(20)
+    k = trace.steps_used
+    assert k > 2 and grid[k - 1] >= ADAPTIVE_MIN_LOGSNR > grid[k - 2]
+    # the deltas grew over the noisiest levels, then peaked before the stop
+    assert trace.x0_deltas[0] < trace.x0_deltas[1] < trace.x0_deltas[2]
+    assert max(trace.rel_rates) > trace.rel_rates[-1]
+    # With very small plans (data std 0.05) nothing has formed by logsnr 0: the peak comes later.
+    small = gaussian_denoiser(mu, torch.full_like(s, 0.05))
+    late = SamplerTrace()
+    sample_dpmpp_2m(small, noise, steps=20, tolerance=1e9, trace=late)
+    assert late.steps_used > k
+
+
+def test_tolerance_is_per_sample():
+    """A batch stops when its slowest sample has converged, not when the batch-average has."""
+    mu = torch.zeros(2, 8, dtype=F64)
+    s = torch.stack([torch.full((8,), 3.0, dtype=F64), torch.full((8,), 0.1, dtype=F64)])  # (2, 8)
+    noise = randn(2, 8, seed=9)
+    used = []
+    for rows in ([0], [1], [0, 1]):
+        trace = SamplerTrace()
+        sample_dpmpp_2m(gaussian_denoiser(mu[rows], s[rows]), noise[rows], steps=20, tolerance=1e-2, trace=trace)
+        used.append(trace.steps_used)
+    fast, slow, both = used
+    print(f"evaluations: wide sample {fast}, narrow sample {slow}, both {both}")
+    assert fast < slow == both
+
+
+def test_tolerance_edge_cases():
+    denoiser = gaussian_denoiser(torch.tensor([1.0, -1.0], dtype=F64), torch.tensor([0.3, 0.3], dtype=F64))
+    noise = randn(64, 2, seed=7)
+    trace = SamplerTrace()
     # A tolerance never reached uses every step, and the trace is reset on reuse.
-    sample_dpmpp_2m(denoiser, noise, steps=5, tolerance=1e-12, trace=early)
-    assert early.steps_used == 5 and len(early.x0_deltas) == 4
-    # At least two evaluations, however loose the tolerance.
-    sample_dpmpp_2m(denoiser, noise, steps=5, tolerance=1e9, trace=early)
-    assert early.steps_used == 2
+    sample_dpmpp_2m(denoiser, noise, steps=20, tolerance=1e9, trace=trace)
+    assert trace.steps_used < 20
+    sample_dpmpp_2m(denoiser, noise, steps=5, tolerance=1e-12, trace=trace)
+    assert trace.steps_used == 5 and len(trace.x0_deltas) == len(trace.rel_rates) == 4
+    # One step: nothing to compare, the result is DDIM's.
+    assert torch.equal(sample_dpmpp_2m(denoiser, noise, steps=1, tolerance=1.0),
+                       sample_dpmpp_2m(denoiser, noise, steps=1))
+    for bad in (0.0, -1e-3):
+        with pytest.raises(StarctlError, match="tolerance must be > 0"):
+            sample_dpmpp_2m(denoiser, noise, steps=5, tolerance=bad)
 
 
 # --- 7. statelessness -------------------------------------------------------------------------
