@@ -24,7 +24,15 @@ Headline figures (also in the returned dict):
     steered_over_plain   wall time of star-steer1 (20 steps, batch 8, 128-token prompts, 64 new
                          tokens) / wall time of plain-hf on the same prompts
     cached_speedup_512   think-reference / think-cached time (20 steps, 512-token prompts, batch
-                         8, or the largest batch measured for think-reference)
+                         8, or the largest batch measured for think-reference); the cached time
+                         includes encoding the prefix once (`cached_speedup_512_think_only`
+                         leaves it out)
+    steered_over_plain_per_token   the same ratio per new token: our loop ends a row at EOS,
+                         transformers is held to exactly 64, so a steered run that met EOS
+                         wrote fewer tokens; `new_tokens` of each row says how many
+
+Wall times are of the whole call (tokenisation, prefix, thinking, writing). With a busy machine
+single runs can be inflated several-fold: rerun on an idle one (`wall_s_runs` lists the runs).
 
 When the grid lacks a headline's exact configuration the nearest measured one is used and
 written under `headline_configs`.
@@ -454,6 +462,11 @@ def headlines(rows: list[dict]) -> tuple[dict, dict]:
             out["steered_over_plain"] = steer["wall_s"] / plain[0]["wall_s"]
             configs["steered_over_plain"] = {k: steer[k] for k in ("prompt_tokens", "steps", "batch",
                                                                    "new_tokens_per_row")}
+            # Our loop ends a row at EOS; transformers is held to exactly new_tokens per row. When
+            # the steered run wrote fewer tokens, the per-token ratio is the fairer one.
+            if steer.get("new_tokens") and plain[0].get("new_tokens"):
+                out["steered_over_plain_per_token"] = ((steer["wall_s"] / steer["new_tokens"])
+                                                       / (plain[0]["wall_s"] / plain[0]["new_tokens"]))
     ref = _pick(rows, "think-reference", HEADLINE_CACHED)
     if ref is not None:
         cached = [r for r in rows if r["method"] == "think-cached" and
@@ -473,12 +486,15 @@ def _fmt(x, spec=".3g"):
 
 def markdown_table(result: dict) -> str:
     lines = [f"# starctl bench ({result['device']}, {result['threads']} threads, core {result['core']})", ""]
-    for k in ("steered_over_plain", "cached_speedup_512", "cached_speedup_512_think_only"):
+    for k in ("steered_over_plain", "steered_over_plain_per_token", "cached_speedup_512",
+              "cached_speedup_512_think_only"):
         if k in result:
             lines.append(f"- **{k}**: {result[k]:.3g}"
-                         + (f" at {result['headline_configs'].get(k.replace('_think_only', ''))}" if k in
-                            result["headline_configs"] else ""))
-    lines += [f"- steering: {result['steering_source']}", f"- memory: {result['memory_method']}", "",
+                         + (f" at {result['headline_configs'][k]}" if k in result["headline_configs"] else ""))
+    lines += [f"- steering: {result['steering_source']}",
+              f"- memory: {result['memory_method']}; peak = the process's peak during the run, rise = over its "
+              "size before the run (memory an earlier run freed and the allocator kept is reused, so the rise "
+              "understates a cold run)", "",
               "| method | prompt | steps | batch | wall s | tokens/s | think % | write % | prefix s | peak MB | rise MB |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
@@ -513,16 +529,22 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("wall seconds")
     ax.set_title(f"generation, batch {big_b}, {big_s} steps", fontsize=9)
     ax.legend(fontsize=7)
-    # (b) thinking only: cached vs reference against steps, per prompt length, at the largest batch
+    # (b) thinking only: cached vs reference against steps, per prompt length and batch (the
+    # largest batch both were measured at, when there is one)
     ax = axes[1]
-    for m, style in (("think-cached", "-"), ("think-reference", "--")):
-        sub = [r for r in rows if r["method"] == m]
-        if not sub:
-            continue
-        b = max(r["batch"] for r in sub)
-        for length in sorted({r["prompt_tokens"] for r in sub}):
-            pts = sorted((r["steps"], r["wall_s"]) for r in sub if r["prompt_tokens"] == length and r["batch"] == b)
-            ax.plot(*zip(*pts), style, marker="o", label=f"{m[6:]} {length} tok, batch {b}")
+    think_rows = [r for r in rows if r["method"] in THINK_METHODS]
+    batches = [{r["batch"] for r in think_rows if r["method"] == m} for m in THINK_METHODS]
+    common = batches[0] & batches[1]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    series = sorted({(r["prompt_tokens"], r["batch"]) for r in think_rows
+                     if not common or r["batch"] == max(common)})
+    for n, (length, b) in enumerate(series):
+        for m, style, mark in (("think-cached", "-", "o"), ("think-reference", "--", "s")):
+            pts = sorted((r["steps"], r["wall_s"]) for r in think_rows
+                         if r["method"] == m and r["prompt_tokens"] == length and r["batch"] == b)
+            if pts:
+                ax.plot(*zip(*pts), style, marker=mark, color=colours[n % len(colours)],
+                        label=f"{m[6:]} {length} tok, batch {b}")
     ax.set_yscale("log")
     ax.set_xlabel("denoising steps")
     ax.set_ylabel("thinking seconds")
