@@ -46,7 +46,7 @@ def generate(
     top_p: float = typer.Option(0.9),
     temperature: float = typer.Option(1.0),
     repetition_penalty: float = typer.Option(1.2),
-    tolerance: Optional[float] = typer.Option(None, help="Adaptive thinking: stop denoising when the plan moves less than this."),
+    tolerance: Optional[float] = typer.Option(None, help="Adaptive thinking: stop once the relative plan change per unit log-SNR falls below this (about the relative plan error accepted, e.g. 0.03)."),
     reference_thinking: bool = typer.Option(False, help="Think the reference way (no cache, one example at a time)."),
     core: Optional[Path] = typer.Option(None, help="Core checkpoint folder (default: the bundled core)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
