@@ -281,63 +281,56 @@ class StarCore(nn.Module):
 
     # --- training ------------------------------------------------------------------------
 
+    def _read_text(self, prefix_ids, prefix_mask, cont_ids, cont_mask, slots):
+        """One backbone pass over [prefix][slots][continuation] (slots (B, K, H), or None for
+        [prefix][continuation]): returns the last hidden states (B, L, H) and the summed
+        continuation NLL per example (B,). Position P+K-1+i predicts continuation token i
+        (without slots, the last prefix token predicts the first continuation token)."""
+        B, P = prefix_ids.shape
+        parts, masks = [self.embed_tokens(prefix_ids)], [prefix_mask]
+        K = 0
+        if slots is not None:
+            K = slots.shape[1]
+            parts.append(slots)
+            masks.append(torch.ones(B, K, dtype=prefix_mask.dtype, device=prefix_mask.device))
+        parts.append(self.embed_tokens(cont_ids))
+        masks.append(cont_mask)
+        mask = torch.cat(masks, dim=1)  # (B, P+K+C)
+        hidden = self.run_body(torch.cat(parts, dim=1), mask, position_ids_from_mask(mask))  # (B, L, H)
+        C = cont_ids.shape[1]
+        logits = self.lm_head()(hidden[:, P + K - 1: P + K - 1 + C]).float()  # (B, C, V)
+        ce = F.cross_entropy(logits.transpose(1, 2), cont_ids, reduction="none")  # (B, C)
+        return hidden, (ce * cont_mask.float()).sum(1)
+
     def training_losses(self, prefix_ids, prefix_mask, cont_ids, cont_mask, plan, logsnr, noise,
-                        drop=None, lm_on_clean: bool = False) -> dict[str, torch.Tensor]:
+                        drop=None) -> dict[str, torch.Tensor]:
         """Per-example loss terms for one batch.
 
         prefix_ids/mask (B, P) LEFT-padded; cont_ids/mask (B, C) RIGHT-padded; plan x (B, d)
         normalised latent; logsnr, noise: one noise level and eps per example, shared by the LM
         and the diffusion terms (the LM learns to decode from a noisy plan).
         Returns per-example tensors: `nll_sum` (summed CE over continuation tokens),
-        `ntokens`, `v_mse` (mean over d), `v_target`, `v_pred`.
+        `ntokens` and `v_mse` (mean over d).
         """
-        B, P = prefix_ids.shape
+        P = prefix_ids.shape[1]
         K = self.config.num_slots
         alpha, sigma = alpha_sigma(logsnr)  # (B,)
         z_t = alpha[:, None] * plan + sigma[:, None] * noise  # (B, d)
         slots = self.soft_prompt(z_t, logsnr)  # (B, K, H)
-        embeds = torch.cat([self.embed_tokens(prefix_ids), slots, self.embed_tokens(cont_ids)], dim=1)
-        ones = torch.ones(B, K, dtype=prefix_mask.dtype, device=prefix_mask.device)
-        mask = torch.cat([prefix_mask, ones, cont_mask], dim=1)  # (B, P+K+C)
-        hidden = self.run_body(embeds, mask, position_ids_from_mask(mask))  # (B, L, H)
-
-        # LM: position P+K-1+i predicts continuation token i.
-        C = cont_ids.shape[1]
-        logits = self.lm_head()(hidden[:, P + K - 1: P + K - 1 + C]).float()  # (B, C, V)
-        ce = F.cross_entropy(logits.transpose(1, 2), cont_ids, reduction="none")  # (B, C)
-        cm = cont_mask.float()
-        nll_sum = (ce * cm).sum(1)
+        hidden, nll_sum = self._read_text(prefix_ids, prefix_mask, cont_ids, cont_mask, slots)
 
         # Denoiser: v-prediction from the states at the slots.
         v_pred = self.score_head(hidden[:, P:P + K], slots, torch.sigmoid(logsnr), drop)
         v_target = alpha[:, None] * noise - sigma[:, None] * plan
         v_mse = (v_pred - v_target).pow(2).mean(-1)
-        return {"nll_sum": nll_sum, "ntokens": cm.sum(1), "v_mse": v_mse}
+        return {"nll_sum": nll_sum, "ntokens": cont_mask.float().sum(1), "v_mse": v_mse}
 
     @torch.no_grad()
     def continuation_nll(self, prefix_ids, prefix_mask, cont_ids, cont_mask, z, logsnr) -> torch.Tensor:
         """Summed continuation NLL per example (B,) given a plan z at log-SNR (B,).
         z=None means no plan slots at all (the backbone alone)."""
-        B, P = prefix_ids.shape
-        if z is None:
-            embeds = torch.cat([self.embed_tokens(prefix_ids), self.embed_tokens(cont_ids)], dim=1)
-            mask = torch.cat([prefix_mask, cont_mask], dim=1)
-            K = 0
-        else:
-            K = self.config.num_slots
-            slots = self.soft_prompt(z, logsnr)
-            embeds = torch.cat([self.embed_tokens(prefix_ids), slots, self.embed_tokens(cont_ids)], dim=1)
-            mask = torch.cat([prefix_mask, torch.ones(B, K, dtype=prefix_mask.dtype, device=prefix_mask.device),
-                              cont_mask], dim=1)
-        hidden = self.run_body(embeds, mask, position_ids_from_mask(mask))
-        C = cont_ids.shape[1]
-        start = P + K - 1
-        if K == 0:
-            # Without slots the first continuation token is predicted by the last prefix token.
-            start = P - 1
-        logits = self.lm_head()(hidden[:, start:start + C]).float()
-        ce = F.cross_entropy(logits.transpose(1, 2), cont_ids, reduction="none")
-        return (ce * cont_mask.float()).sum(1)
+        slots = None if z is None else self.soft_prompt(z, logsnr)
+        return self._read_text(prefix_ids, prefix_mask, cont_ids, cont_mask, slots)[1]
 
     # --- denoising on a prefix cache -------------------------------------------------------
 
